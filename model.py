@@ -273,7 +273,8 @@ class DGFN(nn.Module):
                 self.gate_mean.copy_(lam.mean())
         else:
             lam = self.fixed_gate
-        return self.down_proj(lam * self.polynomial(x) + (1 - lam) * self.memory_read(x))
+        # lerp(M, P, lambda) = lambda P + (1 - lambda) M, in one kernel rather than four.
+        return self.down_proj(torch.lerp(self.memory_read(x), self.polynomial(x), lam))
 
 
 class Qwen3DecoderLayer(nn.Module):
