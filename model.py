@@ -71,6 +71,10 @@ class ModelConfig:
     tokenizer_vocab_size: int = 50257  # ids from here up to vocab_size are padding, never sampled
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings", "tokenizer_vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"invalid {name}={getattr(self, name)}: it must be a positive integer")
         if self.ffn not in FFN_CHOICES:
             raise ValueError(f"invalid ffn {self.ffn!r}: valid values are {', '.join(FFN_CHOICES)}")
         if self.dgfn_memory not in MEMORY_CHOICES:

@@ -41,6 +41,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import deque
@@ -343,6 +344,9 @@ def iter_text_batches(files, start, open_file):
 
 def init_worker():
     global encoder
+    # Ctrl-C reaches every process of the group. Only the parent handles it: a worker killed mid-task
+    # can leave the pool's queue half-read, and Pool.terminate() then waits forever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     encoder = tiktoken.get_encoding("gpt2")
 
 
@@ -737,6 +741,10 @@ def main(argv=None):
     except PrepareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the complete shards in {args.out_dir} are kept, and the same command "
+              "continues from them", file=sys.stderr)
+        return 130
     elapsed = time.time() - started
 
     print(f"{len(shards)} shards in {args.out_dir}:")

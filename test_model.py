@@ -110,6 +110,8 @@ def test_invalid_settings_name_the_valid_values():
         ModelConfig(dgfn_gate="1.5")
     with pytest.raises(ValueError, match="num_key_value_heads"):
         ModelConfig(num_attention_heads=10, num_key_value_heads=4)
+    with pytest.raises(ValueError, match="hidden_size=0"):
+        ModelConfig(hidden_size=0)
 
 
 def test_flops_per_token_formula():
