@@ -75,6 +75,9 @@ class ModelConfig:
                      "num_key_value_heads", "head_dim", "max_position_embeddings", "tokenizer_vocab_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"invalid {name}={getattr(self, name)}: it must be a positive integer")
+        if self.tokenizer_vocab_size > self.vocab_size:
+            raise ValueError(f"invalid vocab_size={self.vocab_size}: it must be at least "
+                             f"tokenizer_vocab_size={self.tokenizer_vocab_size}, the number of token ids")
         if self.ffn not in FFN_CHOICES:
             raise ValueError(f"invalid ffn {self.ffn!r}: valid values are {', '.join(FFN_CHOICES)}")
         if self.dgfn_memory not in MEMORY_CHOICES:

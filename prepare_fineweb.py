@@ -495,6 +495,9 @@ def load_manifest(out_dir, settings):
             shard["start"], shard["end"] = Position(**shard["start"]), Position(**shard["end"])
     except (ValueError, KeyError, TypeError) as err:
         raise PrepareError(f"{path} is invalid ({err!r}). {START_OVER.format(out_dir=out_dir)}")
+    has_shards = any(os.path.exists(os.path.join(out_dir, shard["name"])) for shard in manifest["shards"])
+    if not has_shards:
+        return []  # a run that failed before its first shard: nothing to keep, whatever its settings
     if manifest.get("settings") != settings:
         raise PrepareError(f"the shards in {out_dir} were made with other settings:\n  {manifest.get('settings')}\n"
                            f"this run uses:\n  {settings}\nChoose another --out_dir, or "

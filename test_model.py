@@ -263,7 +263,8 @@ def test_dgfn_every_parameter_gets_a_gradient():
 def test_dgfn_pathways_have_comparable_rms_at_init():
     # Default widths, one layer: the softmax read-out is rescaled to the polynomial pathway's size.
     torch.manual_seed(0)
-    mlp = Qwen3(ModelConfig(ffn="dgfn", dgfn_memory="softmax", num_hidden_layers=1, vocab_size=64)).model.layers[0].mlp
+    mlp = Qwen3(ModelConfig(ffn="dgfn", dgfn_memory="softmax", num_hidden_layers=1, vocab_size=64,
+                        tokenizer_vocab_size=64)).model.layers[0].mlp
     x = torch.randn(512, 640)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))
     with torch.no_grad():

@@ -555,6 +555,18 @@ def test_unreachable_endpoint(tmp_path, capsys, monkeypatch):
     assert "--input_dir" in output
 
 
+def test_input_dir_after_failed_download(input_dir, tmp_path, capsys, monkeypatch):
+    # The error above suggests --input_dir; a manifest left without shards must not block it.
+    closed = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    closed.server_close()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed.server_address[1]}")
+    code, output = prepare(capsys, tmp_path / "out", "--retries", "0")
+    assert code == 1
+    code, output = prepare(capsys, tmp_path / "out", "--input_dir", input_dir)
+    assert code == 0, output
+    assert shard_bytes(tmp_path / "out")
+
+
 def test_unknown_shards_in_out_dir_are_kept(input_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -126,6 +126,42 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
         assert torch.equal(tensor, resumed_weights[name]), name
 
 
+def test_resume_log_has_each_step_once(data_dir, tmp_path, monkeypatch):
+    steps = ["--max_steps=8", "--eval_interval=4", "--batch_size=4", "--total_batch_size=512"]
+    full = run_train(data_dir, tmp_path / "full", *steps)
+
+    # Die in step 7, after steps 5 and 6 were logged but after only the step-4 checkpoint.
+    class Killed(Exception):
+        pass
+
+    original_schedule = train.learning_rate_at
+
+    def schedule_then_die(step, args, num_steps):
+        if step == 6:
+            raise Killed
+        return original_schedule(step, args, num_steps)
+
+    monkeypatch.setattr(train, "learning_rate_at", schedule_then_die)
+    with pytest.raises(Killed):
+        run_train(data_dir, tmp_path / "resumed", *steps)
+    monkeypatch.setattr(train, "learning_rate_at", original_schedule)
+    resumed = run_train(data_dir, tmp_path / "resumed", *steps, "--init_from=resume")
+
+    assert [(r["kind"], r.get("step")) for r in resumed] == [(r["kind"], r.get("step")) for r in full]
+    assert losses(resumed, "train") == losses(full, "train")
+
+
+def test_scratch_run_keeps_existing_checkpoint(data_dir, tmp_path, capsys):
+    run_train(data_dir, tmp_path, "--max_steps=2", "--eval_interval=2", "--batch_size=4", "--total_batch_size=256")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(data_dir, tmp_path, "--max_steps=2", "--eval_interval=2", "--batch_size=4",
+                  "--total_batch_size=256")
+    assert exit_info.value.code == 2
+    assert "--init_from=resume" in capsys.readouterr().err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
 def test_gradient_accumulation_matches_batch(data_dir, tmp_path):
     common = ["--max_steps=6", "--eval_interval=3", "--total_batch_size=512"]
     single = run_train(data_dir, tmp_path / "single", *common, "--batch_size=8")
@@ -332,6 +368,9 @@ def test_wsd_schedule_shape():
     ("--ffn=mlp", "invalid ffn 'mlp'"),
     ("--init_from=latest", "invalid init_from='latest'"),
     ("--total_batch_size=1000", "invalid total_batch_size=1000"),
+    ("--learning_rate=-1", "invalid learning_rate=-1"),
+    ("--vocab_size=100", "invalid vocab_size=100"),
+    ("--hidden_size=0", "invalid hidden_size=0"),
 ])
 def test_bad_setting_exits_with_message(tmp_path, capsys, argument, expected):
     with pytest.raises(SystemExit) as stopped:

@@ -290,6 +290,17 @@ def resume_from_checkpoint(path, settings, model_config, raw_model, optimizer, t
     return checkpoint["step"], checkpoint["best_val_loss"], checkpoint["best_step"], checkpoint["val_loss"]
 
 
+def trim_log(path, step):
+    """Drop the log records after `step`, which a resumed run writes again, and any final summary."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in records if r["kind"] != "summary" and r.get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
 # ----------------------------------------------------------------------------- setup
 
 def resolve_settings(argv):
@@ -306,7 +317,7 @@ def resolve_settings(argv):
     for name in ("sequence_length", "batch_size", "total_batch_size", "eval_interval", "val_tokens", "log_interval"):
         if getattr(args, name) <= 0:
             fail(f"invalid {name}={getattr(args, name)}: it must be positive")
-    for name in ("max_steps", "warmup_steps", "grad_clip", "weight_decay"):
+    for name in ("max_steps", "warmup_steps", "grad_clip", "weight_decay", "learning_rate"):
         if getattr(args, name) < 0:
             fail(f"invalid {name}={getattr(args, name)}: it must not be negative")
     for name in ("min_lr_ratio", "decay_fraction"):
@@ -341,8 +352,8 @@ def setup_device(args):
     name = args.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and world_size > 1:
-        name = f"cuda:{local_rank}"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"  # torch.cuda.set_device needs an index; LOCAL_RANK is 0 without torchrun
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -409,6 +420,9 @@ def main(argv=None):
     checkpoint_path = os.path.join(args.out_dir, "ckpt.pt")
     start_step, best_val, best_step, last_val = 0, math.inf, -1, math.inf
     saved_step = None  # step of the checkpoint in checkpoint_path, if this run wrote or resumed from one
+    if args.init_from == "scratch" and os.path.exists(checkpoint_path):
+        fail(f"{checkpoint_path} already exists, and init_from=scratch would overwrite it. Continue that run "
+             f"with --init_from=resume, choose another --out_dir, or delete {checkpoint_path} to start over")
     if args.init_from == "resume":
         start_step, best_val, best_step, last_val = resume_from_checkpoint(
             checkpoint_path, settings, model_config, raw_model, optimizer, train_loader)
@@ -425,8 +439,10 @@ def main(argv=None):
 
     log_file = None
     if master:
-        log_mode = "a" if args.init_from == "resume" else "w"
-        log_file = open(os.path.join(args.out_dir, "log.jsonl"), log_mode)
+        log_path = os.path.join(args.out_dir, "log.jsonl")
+        if args.init_from == "resume":
+            trim_log(log_path, start_step)
+        log_file = open(log_path, "a" if args.init_from == "resume" else "w")
 
     def log_record(record):
         if master:
