@@ -133,10 +133,16 @@ def resolve_device_and_dtype(device_name, dtype_name):
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype_name == "auto":
         dtype_name = "bfloat16" if device_name.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    try:
+        device_ = torch.device(device_name)
+    except RuntimeError:
+        fail(f"invalid --device={device_name}: use auto, cpu, cuda, cuda:N or mps.")
+    if device_.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device={device_name} but this PyTorch build sees no CUDA GPU. Use --device=cpu.")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype_name not in dtypes:
         fail(f"invalid --dtype={dtype_name}: use one of auto, {', '.join(dtypes)}.")
-    return torch.device(device_name), dtypes[dtype_name]
+    return device_, dtypes[dtype_name]
 
 
 def decode_stream(token_ids, encoding):
@@ -155,6 +161,8 @@ def decode_stream(token_ids, encoding):
 def main():
     if temperature < 0:
         fail(f"invalid --temperature={temperature}: use 0 for greedy decoding or a positive number.")
+    if max_new_tokens < 1 or num_samples < 1:
+        fail(f"invalid --max_new_tokens={max_new_tokens} or --num_samples={num_samples}: both must be at least 1.")
     if top_k < 0:
         fail(f"invalid --top_k={top_k}: use 0 for no limit or a positive number of tokens.")
     device_, dtype_ = resolve_device_and_dtype(device, dtype)
@@ -174,7 +182,7 @@ def main():
     prompt_tokens = encoding.encode(prompt, allowed_special={"<|endoftext|>"}) if prompt else [EOT_TOKEN]
     limit = config.max_position_embeddings
     if len(prompt_tokens) + max_new_tokens > limit:
-        fail(f"the prompt is {len(prompt_tokens)} tokens and --max_new_tokens={max_new_tokens}, "
+        fail(f"the prompt has {len(prompt_tokens)} token(s) and --max_new_tokens={max_new_tokens}, "
              f"{len(prompt_tokens) + max_new_tokens} in all, but the model's max_position_embeddings is {limit}. "
              f"Shorten the prompt or lower --max_new_tokens.")
 

@@ -196,6 +196,18 @@ def test_too_many_new_tokens(out_dir):
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("argument, expected", [
+    ("--device=gpu", "invalid --device=gpu"),
+    ("--num_samples=0", "--num_samples=0"),
+    ("--max_new_tokens=-5", "--max_new_tokens=-5"),
+])
+def test_bad_settings_exit_with_message(out_dir, argument, expected):
+    result = run_script("sample.py", f"--out_dir={out_dir}", argument)
+    assert result.returncode == 1
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_empty_start_begins_at_eot(out_dir):
     empty = run_script("sample.py", f"--out_dir={out_dir}", "--start=", "--temperature=0", "--max_new_tokens=10")
     eot = run_script("sample.py", f"--out_dir={out_dir}", "--start=<|endoftext|>", "--temperature=0", "--max_new_tokens=10")
