@@ -15,7 +15,7 @@ SwiGLU state_dict loads there unchanged:
 The feed-forward block (mlp) sees x, the normed hidden state; I is intermediate_size.
 - swiglu, the Qwen3 baseline:  y = down_proj(silu(gate_proj x) * up_proj x)
 - dgfn, the Dynamic Gating Feedforward Network:
-      P      = PolyReLU(poly_proj x)    polynomial pathway: a0 + a1 u + a2 u^2 + a3 u^3, u = relu
+      P      = PolyReLU(poly_proj x)    polynomial pathway: a0 + a1 u + a2 u^2 + a3 u^3, u = relu(poly_proj x)
       M      = f_mem(mem_proj x)        memory pathway: rows of mem_proj are keys matched against x
       lambda = sigmoid(w_g . x + b_g)   dynamic gate, one value per token
       y      = down_proj(lambda P + (1 - lambda) M)

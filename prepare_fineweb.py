@@ -19,7 +19,7 @@ so no validation text is trained on, and the validation set is the same for
 every --num_tokens.
 
     python prepare_fineweb.py                        # 2B training tokens of FineWeb
-    python prepare_fineweb.py --num_tokens 20e6 --val_tokens 1048576   # CPU demo
+    python prepare_fineweb.py --num_tokens 2e6 --val_tokens 262144     # CPU demo
     python prepare_fineweb.py --source fineweb-edu   # FineWeb-Edu, to data/fineweb_edu10B
     python prepare_fineweb.py --input_dir DIR        # local parquet files, no download
     python prepare_fineweb.py --source gpt2-shards   # ready shards of kjj0/fineweb10B-gpt2
