@@ -133,7 +133,8 @@ def apply_override(argument, settings):
     """Apply one --key=value argument to `settings` (in place)."""
     body = argument[2:]
     if "=" not in body:
-        _fail(f"invalid argument '{argument}': write overrides as --key=value (for a bool, --{body}=True).")
+        example = "True" if isinstance(settings.get(body), bool) else "VALUE"
+        _fail(f"invalid argument '{argument}': write overrides as --key=value, for example --{body}={example}.")
     key, text = body.split("=", 1)
     if key not in settings:
         _fail(_unknown_key_message(key, list(settings), " on the command line"))

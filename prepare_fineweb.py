@@ -733,16 +733,20 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.out_dir, exist_ok=True)
     client = HubClient(os.environ.get("HF_ENDPOINT") or "https://huggingface.co", args.retries, args.retry_wait)
     started = time.time()
     try:
+        os.makedirs(args.out_dir, exist_ok=True)
         if args.source == "gpt2-shards":
             shards, written = fetch_gpt2_shards(args, client)
         else:
             shards, written = tokenize_source(args, client)
     except PrepareError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a read-only or full disk, or a folder that cannot be created
+        print(f"\nerror: {err}. Check that --out_dir {args.out_dir} is writable and has free space; "
+              "the complete shards already written are kept.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: the complete shards in {args.out_dir} are kept, and the same command "

@@ -555,6 +555,14 @@ def test_unreachable_endpoint(tmp_path, capsys, monkeypatch):
     assert "--input_dir" in output
 
 
+def test_unwritable_out_dir(input_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    code, output = prepare(capsys, tmp_path / "file" / "out", "--input_dir", input_dir)
+    assert code == 1
+    assert "Check that --out_dir" in output
+    assert "Traceback" not in output
+
+
 def test_input_dir_after_failed_download(input_dir, tmp_path, capsys, monkeypatch):
     # The error above suggests --input_dir; a manifest left without shards must not block it.
     closed = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
