@@ -345,7 +345,7 @@ def iter_text_batches(files, start, open_file):
 def init_worker():
     global encoder
     # Ctrl-C reaches every process of the group. Only the parent handles it: a worker killed mid-task
-    # can leave the pool's queue half-read, and Pool.terminate() then waits forever.
+    # can leave the pool's queues half-read or half-written, and the pool then hangs on shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     encoder = tiktoken.get_encoding("gpt2")
 
@@ -554,8 +554,11 @@ class SourceReader:
         return self.stream
 
     def close(self):
+        # close() and join() let the few tasks still in flight finish. terminate() would kill workers
+        # that may be writing a result, which can leave the result queue half-written and hang the pool.
         if self.pool is not None:
-            self.pool.terminate()
+            self.pool.close()
+            self.pool.join()
 
 
 def is_reusable(old, name, position, path, capacity):

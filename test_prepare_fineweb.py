@@ -336,8 +336,7 @@ def test_ctrl_c_stops_and_rerun_is_identical(hub, tmp_path, capsys):
 
     # Ctrl-C goes to the whole process group, pool workers included, while the parent waits for
     # the second file: the first file is tokenized by then, so the pool is up and idle.
-    # NOTE: a Ctrl-C while a worker is mid-task once hung Pool.terminate(); that case depends on
-    # timing and is not reproduced here.
+    # NOTE: a Ctrl-C that reaches a worker mid-task depends on timing and is not reproduced here.
     second = f"{FOLDER}/001_00000.parquet"
     hub.stalled.add(second)
     hub.requests.clear()
