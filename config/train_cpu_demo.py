@@ -1,5 +1,5 @@
 # A CPU demo: a 3.4M-parameter model trained on 614,400 tokens of FineWeb, sized to finish in
-# about five minutes on two cores (about 2,400 tokens/s in float32). Make the shards with
+# about five minutes on two cores (about 2,200 tokens/s in float32). Make the shards with
 #   python prepare_fineweb.py --num_tokens 2e6 --val_tokens 262144 --out_dir data/fineweb_sample
 # (add --input_dir DIR to read local FineWeb parquet files instead of downloading),
 # then train with:
