@@ -63,9 +63,9 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
     ffn: str = "swiglu"  # "swiglu" or "dgfn"
-    # Memory read-out f_mem: "relu" (default) is the unnormalised key-value memory that a plain
-    # feed-forward layer already is; "softmax" normalises over the I slots like a memory network, which
-    # at init spreads near-uniform weight over all slots and costs an extra reduction per token.
+    # Memory read-out f_mem. "relu" (default) is the unnormalised key-value memory that a plain
+    # feed-forward layer already is. "softmax" normalises over the I slots like a memory network, so at
+    # init it spreads near-uniform weight over all slots, and it costs an extra reduction per token.
     dgfn_memory: str = "relu"
     dgfn_gate: str | float = "dynamic"  # "dynamic" (learned gate) or a fixed lambda in [0, 1]
     tokenizer_vocab_size: int = 50257  # ids from here up to vocab_size are padding, never sampled
@@ -385,8 +385,8 @@ class Qwen3(nn.Module):
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
         """Yield (next_token (B, 1), logits (B, vocab_size)) for each new token after the prompt idx (B, T).
 
-        Prompt plus continuation must fit max_position_embeddings: a ValueError says so before any work,
-        because RoPE tables end there and cropping the context would change what the model attends to.
+        Prompt plus continuation must fit max_position_embeddings, or a ValueError is raised before any
+        work. The RoPE tables end there, and cropping the context would change what the model attends to.
         With use_cache, each step runs one position through the model; without it, the whole sequence.
         """
         B, T = idx.shape

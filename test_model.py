@@ -231,7 +231,8 @@ def test_dgfn_fixed_gate_isolates_each_pathway(memory):
     dynamic = build(tiny_config(ffn="dgfn", dgfn_memory=memory)).model.layers[0].mlp
     poly_only = build(tiny_config(ffn="dgfn", dgfn_memory=memory, dgfn_gate="1")).model.layers[0].mlp
     memory_only = build(tiny_config(ffn="dgfn", dgfn_memory=memory, dgfn_gate=0.0)).model.layers[0].mlp
-    assert not hasattr(poly_only, "mem_proj") and not hasattr(memory_only, "poly_proj")
+    assert not hasattr(poly_only, "mem_proj")
+    assert not hasattr(memory_only, "poly_proj")
     poly_only.load_state_dict(dynamic.state_dict(), strict=False)
     memory_only.load_state_dict(dynamic.state_dict(), strict=False)
 

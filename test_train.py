@@ -96,14 +96,18 @@ def test_tiny_run_lowers_losses(data_dir, tmp_path):
     assert summary["best_val_loss"] == min(val_losses.values())
 
 
+RESUME_STEPS = ["--max_steps=8", "--eval_interval=4", "--batch_size=4", "--total_batch_size=512"]
+
+
+class Killed(Exception):
+    """Exception that stands in for killing the training process at a chosen point."""
+
+
 def test_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
-    steps = ["--max_steps=8", "--eval_interval=4", "--batch_size=4", "--total_batch_size=512"]
+    steps = RESUME_STEPS
     full = run_train(data_dir, tmp_path / "full", *steps)
 
     # Kill the second run right after it writes the step-4 checkpoint, then resume it.
-    class Killed(Exception):
-        pass
-
     original_save = train.save_checkpoint
 
     def save_then_die(path, checkpoint):
@@ -127,13 +131,10 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
 
 
 def test_resume_log_has_each_step_once(data_dir, tmp_path, monkeypatch):
-    steps = ["--max_steps=8", "--eval_interval=4", "--batch_size=4", "--total_batch_size=512"]
+    steps = RESUME_STEPS
     full = run_train(data_dir, tmp_path / "full", *steps)
 
     # Die in step 7, after steps 5 and 6 were logged but after only the step-4 checkpoint.
-    class Killed(Exception):
-        pass
-
     original_schedule = train.learning_rate_at
 
     def schedule_then_die(step, args, num_steps):
